@@ -1,0 +1,1 @@
+"""MobileNetV3 in PyTorch: network, weights and ONNX export (build time only, never served)."""
