@@ -41,10 +41,33 @@ test: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/pytest
 
+# The benchmark on loopback (~10 min with the 5-minute soak); report in bench/results/.
+# Quick look: make bench BENCH_ARGS="--seconds 3 --soak-seconds 0"
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Multi-arch image without emulation (see deploy/Dockerfile); needs docker buildx.
+# One arch into the local docker: make image PLATFORMS=linux/arm64 IMAGE_OUTPUT=--load
+PLATFORMS    ?= linux/amd64,linux/arm64
+IMAGE        ?= mnv3-serve:0.1.0
+IMAGE_OUTPUT ?= --output type=oci,dest=build/mnv3-serve.oci.tar
+image:
+	@mkdir -p build
+	docker buildx build -f deploy/Dockerfile --platform $(PLATFORMS) \
+	  --build-arg ARCH=$(ARCH) --build-arg WEIGHTS=$(WEIGHTS) \
+	  --build-arg VERSION=$(lastword $(subst :, ,$(IMAGE))) \
+	  --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+	  -t $(IMAGE) $(IMAGE_OUTPUT) .
+
+# ARM64 proof without binfmt_misc: the real server as an aarch64 process under qemu-user.
+arm64-smoke: $(BIN)/.installed
+	bash deploy/arm64/smoke.sh
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

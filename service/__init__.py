@@ -1,1 +1,1 @@
-"""mnv3-serve: the MobileNetV3 classification server (REST + gRPC over one batched ONNX Runtime session)."""
+"""mnv3-serve: MobileNetV3 classification over REST and gRPC, one batched ONNX Runtime session."""

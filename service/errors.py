@@ -37,6 +37,12 @@ class InvalidArgument(ServiceError):
     code = "invalid_argument"
 
 
+class BodyTimeout(ServiceError):
+    """The request body did not arrive before the request's deadline (a slow or stalled sender)."""
+
+    code = "request_timeout"
+
+
 class Overloaded(ServiceError):
     """The batch queue is full: load is being shed, retry shortly."""
 

@@ -66,6 +66,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in ("queue_full", "deadline", "not_ready"):
+            self.rejected.labels(reason=reason)  # present at 0, so rate() and alerts see them
         self.model_info = Info(
             "mnv3_model",
             "The model being served: architecture, weights source and version.",

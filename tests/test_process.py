@@ -1,0 +1,147 @@
+"""`python -m service` as a real process on real ports: start-up errors, serving, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import IMAGES, REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.fixture
+def server(small_model: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    http_port = free_port()
+    proc = start(
+        {
+            "MNV3_MODEL_PATH": str(small_model),
+            "MNV3_HTTP_HOST": "127.0.0.1",
+            "MNV3_HTTP_PORT": str(http_port),
+            "MNV3_GRPC_PORT": str(free_port()),
+            "MNV3_INTRA_OP_THREADS": "1",
+            "MNV3_DECODE_THREADS": "2",
+        }
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready in 60 s"
+            time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_sigterm_under_load_loses_no_accepted_request(
+    server: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, url = server
+    body = (IMAGES / "grace_hopper.jpg").read_bytes()
+    headers = {"Content-Type": "image/jpeg"}
+    outcomes: list[str] = []
+
+    async def client_loop(client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                r = await client.post(f"{url}/v1/classify", content=body, headers=headers)
+            except httpx.ConnectError:
+                outcomes.append("refused")  # never accepted: the listener is closed
+                await asyncio.sleep(0.01)
+                continue
+            except httpx.TransportError as exc:  # accepted, then dropped without an answer
+                outcomes.append(f"lost: {type(exc).__name__}")
+                continue
+            if r.status_code == 200:
+                assert r.json()["predictions"][0]["index"] == 652
+                outcomes.append("200")
+            else:
+                assert r.status_code == 503, r.text  # refused while draining, not lost
+                outcomes.append("503")
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            tasks = [asyncio.create_task(client_loop(client, stop)) for _ in range(16)]
+            await asyncio.sleep(1.5)  # steady load
+            served_before = outcomes.count("200")
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 60)
+            stop.set()
+            await asyncio.gather(*tasks)
+            return served_before
+
+    served_before = asyncio.run(run())
+    log = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0, log
+    assert served_before > 16
+    assert [o for o in outcomes if o.startswith("lost")] == [], log
+    # Requests in flight when SIGTERM arrived were answered: more 200s after the signal.
+    assert outcomes.count("200") > served_before
+    assert "shutdown complete" in log
+
+
+def test_missing_model_stops_startup_with_one_line(tmp_path: Path) -> None:
+    proc = start({"MNV3_MODEL_PATH": str(tmp_path / "nope.onnx"), "MNV3_HTTP_PORT": "0"})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert out.strip().splitlines() == [
+        f"cannot start: cannot read model file {tmp_path / 'nope.onnx'}: No such file or directory"
+    ]
+
+
+def test_corrupt_model_stops_startup_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is no protobuf")
+    proc = start({"MNV3_MODEL_PATH": str(bad)})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    (line,) = out.strip().splitlines()
+    assert line.startswith(f"cannot start: {bad} is not a loadable ONNX model")
+
+
+def test_bad_setting_stops_startup_with_one_line() -> None:
+    proc = start({"MNV3_MAX_BATCH_SIZE": "lots", "MNV3_HTTP_PORT": "99999"})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert out.strip().splitlines() == [
+        "invalid settings: MNV3_HTTP_PORT='99999': Input should be less than or equal to 65535; "
+        "MNV3_MAX_BATCH_SIZE='lots': Input should be a valid integer, unable to parse string "
+        "as an integer"
+    ]
