@@ -41,6 +41,10 @@ test: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/pytest
 
+# Regenerate the committed gRPC code (and its .pyi stubs) from protos/.
+proto: $(BIN)/.installed
+	$(BIN)/python protos/generate.py
+
 # The benchmark on loopback (~10 min with the 5-minute soak); report in bench/results/.
 # Quick look: make bench BENCH_ARGS="--seconds 3 --soak-seconds 0"
 bench: $(BIN)/.installed

@@ -45,6 +45,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             host=settings.http_host,
             port=settings.grpc_port,
             max_image_bytes=settings.max_image_bytes,
+            max_batch_images=settings.max_batch_images,
+            default_timeout=settings.request_timeout_ms / 1000,
         )
         app.state.grpc_port = await grpc_server.start()
         app.state.classifier = classifier

@@ -40,8 +40,10 @@ class Prediction:
 class Classifier:
     """Admits, decodes (in a bounded pool), batches and answers classification requests.
 
-    Lifecycle: start() warms the engine up and makes it ready; begin_drain() makes it refuse new
-    work at once; drain() waits for every admitted request, then stops the batcher.
+    Lifecycle: start() warms the engine up, then accepts work and reports ready.
+    begin_drain() (SIGTERM) only withdraws readiness: requests the transports already received
+    still complete while load balancers catch up. drain() stops accepting, answers every
+    admitted request, then stops the batcher.
     """
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
@@ -57,6 +59,7 @@ class Classifier:
         self._idle = asyncio.Event()
         self._idle.set()
         self._ready = False
+        self._accepting = False
         self._decode_pool = ThreadPoolExecutor(
             settings.decode_workers, thread_name_prefix="mnv3-decode"
         )
@@ -73,22 +76,22 @@ class Classifier:
 
     @property
     def ready(self) -> bool:
-        """True after warm-up, False again once draining has begun."""
+        """Readiness: True after warm-up, False again from the first sign of shutdown."""
         return self._ready
 
     async def start(self) -> None:
         """Warm up every batch size (off the event loop), start batching, become ready."""
         await asyncio.to_thread(self.engine.warm_up, self._settings.max_batch_size)
         await self._batcher.start()
-        self._ready = True
+        self._accepting = self._ready = True
 
     def begin_drain(self) -> None:
-        """Refuse new requests from now on; admitted ones still complete."""
+        """Withdraw readiness (health checks fail); work keeps being accepted until drain()."""
         self._ready = False
 
     async def drain(self) -> None:
-        """Finish every admitted request, then stop the batcher and the decode pool."""
-        self.begin_drain()
+        """Refuse new requests, finish every admitted one, stop the batcher and decode pool."""
+        self._ready = self._accepting = False
         await self._idle.wait()
         await self._batcher.drain()
         self._decode_pool.shutdown(wait=True)
@@ -120,7 +123,7 @@ class Classifier:
         Adapters call it before reading a request body, so a shed request costs no upload,
         no buffer and no decode; classify() checks again when it admits the image.
         """
-        if not self._ready:
+        if not self._accepting:
             self._metrics.on_reject("not_ready")
             raise NotReady("the model is not ready (warming up or shutting down)")
         if self._admitted >= self._capacity:

@@ -353,7 +353,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
         status = STATUS_OF.get(type(exc), 500)
-        headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
+        headers = None
+        if isinstance(exc, Overloaded):
+            headers = {"Retry-After": "1"}
+        elif isinstance(exc, NotReady):
+            # Draining: tell keep-alive clients to reconnect (to another replica) rather than
+            # reuse a connection this server is about to close.
+            headers = {"Connection": "close"}
         return JSONResponse(_error_body(exc), status_code=status, headers=headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:

@@ -276,12 +276,18 @@ async def test_model_health_readiness_and_metrics(small_model: Path) -> None:
             'mnv3_request_duration_seconds_count{code="200",method="classify",protocol="rest"} 1.0'
             in text
         )
-        app.state.begin_drain()
+        app.state.begin_drain()  # what SIGTERM does first: readiness off at once
         r = await client.get("/readyz")
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "not_ready"
+        # Requests that reach the app meanwhile are still served while load balancers react.
+        r = await client.post("/v1/classify", content=body, headers=headers)
+        assert r.status_code == 200
+        await app.state.classifier.drain()  # what the lifespan does once HTTP has drained
         r = await client.post("/v1/classify", content=body, headers=headers)
         assert r.status_code == 503
+        assert r.json()["error"]["code"] == "not_ready"
+        assert r.headers["Connection"] == "close"
         assert (await client.get("/healthz")).status_code == 200
 
 
