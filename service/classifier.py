@@ -150,8 +150,10 @@ class Classifier:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         decode = partial(preprocess, image, self.engine.spec, self.limits, draft=self._draft)
-        tensor = await loop.run_in_executor(self._decode_pool, decode)
-        self._metrics.preprocess_duration.observe(time.perf_counter() - started)
+        try:
+            tensor = await loop.run_in_executor(self._decode_pool, decode)
+        finally:  # failed decodes cost time too
+            self._metrics.preprocess_duration.observe(time.perf_counter() - started)
         probabilities = await self._batcher.submit(tensor, deadline)
         return self._top_k(probabilities, top_k)
 
