@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -58,6 +59,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
         async def warm_up() -> None:
             await classifier.start()
+            # Everything allocated so far (modules, the session, labels) lives for the whole
+            # process: keep it out of the garbage collector's full passes, which pause the loop.
+            gc.freeze()
             grpc_server.set_serving(True)
             logger.info(
                 "ready: %s (%s weights, version %s), batches up to %d",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service.classifier import MAX_TOP_K, Classifier, Prediction
 from service.errors import (
@@ -356,11 +357,18 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, Overloaded):
             headers = {"Retry-After": "1"}
-        elif isinstance(exc, NotReady):
+        elif isinstance(exc, NotReady | BodyTimeout):
             # Draining: tell keep-alive clients to reconnect (to another replica) rather than
-            # reuse a connection this server is about to close.
+            # reuse a connection this server is about to close. Body timeout: the rest of the
+            # body was never read, and closing is the only way to stop a trickling sender
+            # (RFC 9110 15.5.9).
             headers = {"Connection": "close"}
         return JSONResponse(_error_body(exc), status_code=status, headers=headers)
+
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # The client hung up before its body arrived: nobody reads this reply. 499 (nginx's
+        # "client closed request") keeps it out of the 5xx error rate and out of the logs.
+        return Response(status_code=499)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -382,6 +390,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=500)
 
     app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, bug)

@@ -141,3 +141,132 @@ def not_images() -> dict[str, bytes]:
         "png signature only": b"\x89PNG\r\n\x1a\n",
         "jpeg markers only": b"\xff\xd8\xff\xd9",
     }
+
+
+# --- damaged files: one well-formed file, one precise defect ----------------------------------
+
+
+def _segment(data: bytes, marker: bytes) -> int:
+    """Offset of the first JPEG marker segment `marker` (e.g. b"\\xff\\xda"), which must exist."""
+    at = data.find(marker)
+    if at < 0:
+        raise ValueError(f"no {marker!r} segment in this JPEG")
+    return at
+
+
+def jpeg_scan_overwritten(data: bytes, fill: int | None, length: int = 2000) -> bytes:
+    """`data` with `length` bytes of its entropy-coded scan replaced, 200 bytes after the SOS.
+
+    fill=None: seeded random bytes (libjpeg decodes them as noise, only warning); fill=0xFF: a
+    run of marker prefixes, which libjpeg cannot decode.
+    """
+    start = _segment(data, b"\xff\xda") + 200
+    if fill is None:
+        junk = np.random.default_rng(1).integers(0, 256, length, np.uint8).tobytes()
+    else:
+        junk = bytes([fill]) * length
+    return data[:start] + junk + data[start + length :]
+
+
+def jpeg_declaring(data: bytes, width: int, height: int) -> bytes:
+    """A baseline JPEG whose frame header (SOF0) is rewritten to width x height."""
+    at = _segment(data, b"\xff\xc0") + 5  # marker, length (2), precision (1)
+    return data[:at] + struct.pack(">HH", height, width) + data[at + 4 :]
+
+
+def jpeg_with_broken_huffman_table(data: bytes) -> bytes:
+    """A JPEG whose first Huffman table claims 255 codes of every length (no valid code tree)."""
+    at = _segment(data, b"\xff\xc4") + 5  # marker, length (2), class/id (1)
+    return data[:at] + b"\xff" * 16 + data[at + 16 :]
+
+
+def jpeg_with_app1(data: bytes, payload: bytes) -> bytes:
+    """`data` with an APP1 segment holding `payload` right after SOI (e.g. a damaged EXIF)."""
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+
+
+GARBAGE_EXIF: bytes = b"Exif\x00\x00II*\x00" + struct.pack("<I", 0x7FFF0000) + b"junk" * 10
+"""An EXIF block whose first IFD offset points far beyond its end."""
+
+
+def _png_chunks(data: bytes) -> list[tuple[int, bytes, int]]:
+    """(offset, type, payload length) of every chunk of a PNG."""
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        chunks.append((at, data[at + 4 : at + 8], length))
+        at += 12 + length
+    return chunks
+
+
+def png_with_bad_crc(data: bytes, kind: bytes) -> bytes:
+    """`data` with the CRC of its first `kind` chunk (b"IHDR", b"IDAT", ...) zeroed."""
+    at, _, length = next(c for c in _png_chunks(data) if c[1] == kind)
+    crc = at + 8 + length
+    return data[:crc] + b"\x00\x00\x00\x00" + data[crc + 4 :]
+
+
+def png_with_corrupt_deflate(data: bytes) -> bytes:
+    """`data` with 190 bytes of its first IDAT's deflate stream overwritten (CRC kept valid)."""
+    at, _, length = next(c for c in _png_chunks(data) if c[1] == b"IDAT")
+    payload = bytearray(data[at + 8 : at + 8 + length])
+    payload[10:200] = b"\x55" * 190
+    return data[:at] + _png_chunk(b"IDAT", bytes(payload)) + data[at + 12 + length :]
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A real, fully decodable all-black grey PNG: width x height pixels in a few dozen KB.
+
+    8000x8000 is 64 MP (256 MB as RGBA) from ~62 KB. Built row block by row block so that
+    making it costs no more memory than a few rows.
+    """
+    deflate = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter type 0, then `width` black samples
+    blocks = [deflate.compress(row * 256) for _ in range(height // 256)]
+    blocks.append(deflate.compress(row * (height % 256)))
+    blocks.append(deflate.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(blocks))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def bmp_declaring(width: int, height: int) -> bytes:
+    """A 4x4 BMP whose info header is rewritten to claim width x height pixels."""
+    data = encode(Image.new("RGB", (4, 4)), "BMP")
+    return data[:18] + struct.pack("<ii", width, height) + data[26:]
+
+
+def webp_with_corrupt_frame(data: bytes) -> bytes:
+    """A lossy WebP whose VP8 data is replaced by seeded random bytes after its frame header."""
+    at = data.index(b"VP8 ") + 20  # chunk header (8), frame tag (3), start code (3), size (4)
+    junk = np.random.default_rng(3).integers(0, 256, len(data) - at, np.uint8).tobytes()
+    return data[:at] + junk
+
+
+def grey16(img: Image.Image) -> Image.Image:
+    """`img` as a 16-bit greyscale image (mode I;16), each 8-bit level v stored as v * 257."""
+    wide = np.asarray(img.convert("L")).astype(np.uint16) * 257
+    return Image.fromarray(wide)
+
+
+def multipart(boundary: str, *parts: tuple[str, str | None, bytes]) -> bytes:
+    """A multipart/form-data body of (field name, filename or None, content) parts.
+
+    A part with a filename is a file upload (Content-Type application/octet-stream); one
+    without is a plain text field.
+    """
+    out = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"'
+        headers = f"Content-Disposition: {disposition}\r\n"
+        if filename is not None:
+            headers = (
+                f'Content-Disposition: {disposition}; filename="{filename}"\r\n'
+                "Content-Type: application/octet-stream\r\n"
+            )
+        out += f"--{boundary}\r\n{headers}\r\n".encode() + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
