@@ -1,0 +1,1 @@
+"""Benchmarks of mnv3-serve: load generator, in-process ceiling, naive baseline, report."""
