@@ -79,6 +79,8 @@ def main() -> int:
         log_config=None,  # use the logging set up above
         access_log=False,  # per-request lines cost CPU on small boxes; metrics count requests
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        # Past this many connections or requests uvicorn answers 503 without reading the body.
+        limit_concurrency=settings.transport_limit,
         lifespan="on",
     )
     Server(config, app).run()

@@ -48,6 +48,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             max_image_bytes=settings.max_image_bytes,
             max_batch_images=settings.max_batch_images,
             default_timeout=settings.request_timeout_ms / 1000,
+            max_concurrent_rpcs=settings.transport_limit,
         )
         app.state.grpc_port = await grpc_server.start()
         app.state.classifier = classifier

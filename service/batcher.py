@@ -60,7 +60,11 @@ class Batcher(Generic[In, Out]):
         max_delay: float,
         max_queue: int,
         observer: BatchObserver | None = None,
+        on_the_way: Callable[[], int] | None = None,
     ) -> None:
+        """`on_the_way`, if given, counts items the caller is still preparing (e.g. decoding):
+        a batch stops waiting for company as soon as none is on its way, so a lone request
+        does not pay max_delay for nothing."""
         if max_batch_size < 1 or max_queue < 1 or max_delay < 0:
             raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_delay >= 0")
         self._run_batch = run_batch
@@ -68,6 +72,7 @@ class Batcher(Generic[In, Out]):
         self._max_delay = max_delay
         self._max_queue = max_queue
         self._observer: BatchObserver = observer if observer is not None else _NoObserver()
+        self._on_the_way = on_the_way
         self._queue: deque[_Pending[In, Out]] = deque()
         self._wakeup = asyncio.Event()  # set on every enqueue and on drain
         self._accepting = False
@@ -153,7 +158,7 @@ class Batcher(Generic[In, Out]):
                 # From the item's enqueue time: if it already waited while the previous
                 # batch computed, it leaves at once with whatever is queued.
                 timeout = self._queue[0].enqueued + self._max_delay - time.monotonic()
-                if timeout <= 0:
+                if timeout <= 0 or (self._on_the_way is not None and self._on_the_way() == 0):
                     return
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):  # loop to re-check; timers may fire early

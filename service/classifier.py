@@ -56,6 +56,7 @@ class Classifier:
         # Admission bound: everything admitted but not answered (decoding, queued, computing).
         self._capacity = settings.max_queue + settings.max_batch_size
         self._admitted = 0
+        self._decoding = 0  # admitted images not yet handed to the batcher
         self._idle = asyncio.Event()
         self._idle.set()
         self._ready = False
@@ -69,6 +70,7 @@ class Classifier:
             max_delay=settings.max_batch_delay_ms / 1000,
             max_queue=self._capacity,
             observer=metrics,
+            on_the_way=lambda: self._decoding,
         )
         metrics.model_info.info(
             {"arch": self.info.arch, "weights": self.info.weights, "version": self.info.version}
@@ -150,9 +152,11 @@ class Classifier:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         decode = partial(preprocess, image, self.engine.spec, self.limits, draft=self._draft)
+        self._decoding += 1
         try:
             tensor = await loop.run_in_executor(self._decode_pool, decode)
         finally:  # failed decodes cost time too
+            self._decoding -= 1
             self._metrics.preprocess_duration.observe(time.perf_counter() - started)
         probabilities = await self._batcher.submit(tensor, deadline)
         return self._top_k(probabilities, top_k)

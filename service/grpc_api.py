@@ -350,9 +350,13 @@ class GrpcServer:
         max_image_bytes: int,
         max_batch_images: int | None = None,
         default_timeout: float | None = None,
+        max_concurrent_rpcs: int | None = None,
     ) -> None:
         """max_batch_images: most images per ClassifyBatch (None: no limit of its own);
-        default_timeout: seconds allowed to a call or stream item without a gRPC deadline."""
+        default_timeout: seconds allowed to a call or stream item without a gRPC deadline;
+        max_concurrent_rpcs: beyond it gRPC answers RESOURCE_EXHAUSTED itself, before the
+        handler runs, so a flood cannot make the server hold thousands of received images."""
+        self._max_concurrent_rpcs = max_concurrent_rpcs
         self._service = ClassifierService(
             classifier, metrics, max_batch_images=max_batch_images, default_timeout=default_timeout
         )
@@ -366,7 +370,9 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Binds, starts serving (health NOT_SERVING) and returns the bound port."""
-        server = grpc.aio.server(options=self._options)
+        server = grpc.aio.server(
+            options=self._options, maximum_concurrent_rpcs=self._max_concurrent_rpcs
+        )
         pb_grpc.add_ClassifierServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     )
 
     @property
+    def transport_limit(self) -> int:
+        """Requests each transport holds at once before refusing new ones unread.
+
+        The core sheds beyond MAX_QUEUE + MAX_BATCH_SIZE admitted images, with a proper 503 or
+        RESOURCE_EXHAUSTED; but a flood of clients could still make the transports buffer
+        thousands of uploads waiting for the event loop (measured: 225 -> 955 MB RSS at 3x
+        overload). Twice the core's capacity plus room for probes bounds that memory.
+        """
+        return 2 * (self.max_queue + self.max_batch_size) + 32
+
+    @property
     def intra_threads(self) -> int:
         return self.intra_op_threads or (os.cpu_count() or 1)
 

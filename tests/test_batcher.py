@@ -6,7 +6,7 @@ import asyncio
 import gc
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -96,12 +96,14 @@ def make(
     max_delay: float = 0.01,
     max_queue: int = 100,
     observer: FakeObserver | None = None,
+    on_the_way: Callable[[], int] | None = None,
 ) -> Batcher[int, int]:
     return Batcher(
         model,
         max_batch_size=max_batch_size,
         max_delay=max_delay,
         max_queue=max_queue,
+        on_the_way=on_the_way,
         observer=observer,
     )
 
@@ -143,6 +145,19 @@ async def test_a_lone_item_waits_max_delay_then_goes_alone(model: FakeModel) -> 
     [(size, [wait], _)] = observer.batches
     assert size == 1
     assert wait >= 0.2
+
+
+async def test_a_lone_item_leaves_at_once_when_nothing_is_on_its_way(model: FakeModel) -> None:
+    on_the_way = 0
+    async with running(make(model, max_delay=0.2, on_the_way=lambda: on_the_way)) as batcher:
+        submitted = time.monotonic()
+        assert await batcher.submit(7) == 70
+        assert model.started_at[0] - submitted < SLACK  # no company coming: no waiting
+        on_the_way = 1  # another item is being prepared: worth waiting for
+        submitted = time.monotonic()
+        assert await batcher.submit(8) == 80
+        assert 0.2 <= model.started_at[1] - submitted < 0.2 + SLACK
+    assert model.batches == [[7], [8]]
 
 
 async def test_next_batch_fills_while_one_computes_and_leaves_at_once(model: FakeModel) -> None:
