@@ -33,7 +33,7 @@ $(MODEL): | $(BIN)/.installed
 	  $(BIN)/python -m models.export --arch $(ARCH) --weights random --out $@; }
 
 serve: $(MODEL)
-	MALLOC_ARENA_MAX=2 MNV3_MODEL_PATH=$(MODEL) $(BIN)/python -m service
+	MALLOC_ARENA_MAX=2 MNV3_MODEL_PATH=$(MODEL) exec $(BIN)/python -m service
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -21,6 +21,7 @@ import torch
 from models import export as export_module
 from models import weights as weights_module
 from models.export import main
+from models.mobilenetv3 import ARCHS
 from models.weights import resolve
 from tests.conftest import IMAGES, WEIGHTS
 from tests.reference import torchvision_input
@@ -35,15 +36,34 @@ def metadata_of(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
+def lively_checkpoint(arch: str, path: Path) -> Path:
+    """Random weights whose logits are O(1), unlike a fresh init's near-zero ones.
+
+    Identity BatchNorm statistics and a 0.01-scale classifier would make any two graphs agree
+    to 1e-15; perturbed statistics and a larger classifier make the parity check bite.
+    """
+    g = torch.Generator().manual_seed(1)
+    sd = ARCHS[arch]().state_dict()
+    for name, t in sd.items():
+        if name.endswith("running_var"):
+            sd[name] = torch.rand(t.shape, generator=g) * 1.5 + 0.5
+        elif name.endswith(("running_mean", ".bias")):
+            sd[name] = torch.randn(t.shape, generator=g) * 0.1
+        elif name.startswith("classifier") and name.endswith("weight"):
+            sd[name] = torch.randn(t.shape, generator=g) * 0.05
+    torch.save(sd, path)
+    return path
+
+
 @pytest.mark.parametrize("arch", ["large", "small"])
 @pytest.mark.parametrize("padding", ["symmetric", "tf"])
 def test_export_parity_and_dynamic_batch(
     arch: str, padding: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    ckpt = lively_checkpoint(arch, tmp_path / f"lively-{arch}.pth")
     out = tmp_path / "m.onnx"
-    assert (
-        main(["--arch", arch, "--weights", "random", "--padding", padding, "--out", str(out)]) == 0
-    )
+    args = ["--arch", arch, "--weights", str(ckpt), "--padding", padding, "--out", str(out)]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     diff = float(printed.split("max |onnxruntime - torch| = ")[1].split()[0])
     assert diff <= 1e-4
@@ -51,7 +71,7 @@ def test_export_parity_and_dynamic_batch(
     meta = metadata_of(out)
     assert set(meta) >= METADATA_KEYS
     assert meta["arch"] == f"mobilenet_v3_{arch}"
-    assert meta["weights"] == "random"
+    assert meta["weights"] == ckpt.name
     assert meta["padding"] == padding
     labels = json.loads(meta["labels"])
     assert len(labels) == 1000
@@ -65,6 +85,7 @@ def test_export_parity_and_dynamic_batch(
         (logits,) = session.run(["logits"], {"input": x})
         assert logits.shape == (n, 1000)
         assert np.isfinite(logits).all()
+        assert logits.std() > 0.1  # outputs of substance: the parity above was not 0 == 0
 
 
 def test_same_inputs_give_the_same_file(tmp_path: Path) -> None:
@@ -72,6 +93,7 @@ def test_same_inputs_give_the_same_file(tmp_path: Path) -> None:
     for out in (a, b):
         assert main(["--arch", "small", "--weights", "random", "--out", str(out)]) == 0
     assert a.read_bytes() == b.read_bytes()
+    assert metadata_of(a)["weights"] == "random"  # recorded as such in the file
 
 
 def test_disagreeing_runtime_is_refused_and_nothing_written(
