@@ -161,11 +161,17 @@ TIMEOUT_DOC: Final = {
 # ---- request parsing ----------------------------------------------------------------------
 
 
-def _core(request: Request) -> Classifier:
-    """The core, if it would admit a request now: shedding happens before the body is read."""
+def _classifier(request: Request) -> Classifier:
+    """The core, once the lifespan has built it."""
     classifier: Classifier | None = getattr(request.app.state, "classifier", None)
     if classifier is None:
         raise NotReady("the model is not ready (warming up or shutting down)")
+    return classifier
+
+
+def _core(request: Request) -> Classifier:
+    """The core, if it would admit a request now: shedding happens before the body is read."""
+    classifier = _classifier(request)
     classifier.check_admission()
     return classifier
 
@@ -333,8 +339,7 @@ def router(settings: Settings, metrics: Metrics) -> APIRouter:
     )
     async def readyz(request: Request) -> dict[str, str]:
         # Not _core(): a busy server is still ready (shedding is per request, not per pod).
-        classifier: Classifier | None = getattr(request.app.state, "classifier", None)
-        if classifier is None or not classifier.ready:
+        if not _classifier(request).ready:
             raise NotReady("the model is not ready (warming up or shutting down)")
         return {"status": "ready"}
 

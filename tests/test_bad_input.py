@@ -27,7 +27,7 @@ from service.proto.mnv3.v1 import classifier_pb2 as pb
 from service.proto.mnv3.v1 import classifier_pb2_grpc as pb_grpc
 from tests import imagegen as gen
 from tests.conftest import IMAGES, make_settings, serving
-from tests.test_overload import ServerProcess, server_process
+from tests.server_process import ServerProcess, server_process
 
 # Pillow warns (and carries on) about the damaged EXIF block of one kind; that is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")

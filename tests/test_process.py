@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,68 +14,37 @@ import httpx
 import pytest
 
 from tests.conftest import IMAGES, REPO
+from tests.server_process import ServerProcess, server_process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def run_to_exit(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m service` expected to stop at start-up; its combined output."""
+    return subprocess.run(
         [sys.executable, "-m", "service"],
         cwd=REPO,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        timeout=60,
+        check=False,
     )
 
 
 @pytest.fixture
-def server(small_model: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    http_port = free_port()
-    proc = start(
-        {
-            "MNV3_MODEL_PATH": str(small_model),
-            "MNV3_HTTP_HOST": "127.0.0.1",
-            "MNV3_HTTP_PORT": str(http_port),
-            "MNV3_GRPC_PORT": str(free_port()),
-            "MNV3_INTRA_OP_THREADS": "1",
-            "MNV3_DECODE_THREADS": "2",
-        }
-    )
-    url = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready in 60 s"
-            time.sleep(0.1)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+def server(small_model: Path) -> Iterator[ServerProcess]:
+    with server_process(small_model) as running:
+        yield running
 
 
-def test_sigterm_under_load_loses_no_accepted_request(
-    server: tuple[subprocess.Popen[str], str],
-) -> None:
+def test_sigterm_under_load_loses_no_accepted_request(server: ServerProcess) -> None:
     """Every request sent before SIGTERM is answered 200; later ones may be refused, not lost.
 
     After SIGTERM a request is answered 200, refused with 503 (draining), or finds the
     listener closed (connection refused or reset before the server read it); all three are
     "not accepted". A request sent *before* the signal was accepted, and must get its answer.
     """
-    proc, url = server
+    proc, url = server.proc, server.url
     body = (IMAGES / "grace_hopper.jpg").read_bytes()
     headers = {"Content-Type": "image/jpeg"}
     before: list[str] = []  # outcomes of requests sent before SIGTERM
@@ -110,7 +77,7 @@ def test_sigterm_under_load_loses_no_accepted_request(
             await asyncio.gather(*tasks)
 
     asyncio.run(run())
-    log = proc.stdout.read() if proc.stdout else ""
+    log = server.log()
     assert proc.returncode == 0, log
     assert len(before) > 16
     assert set(before) == {"200"}, log  # including the 16 in flight when the signal came
@@ -119,10 +86,9 @@ def test_sigterm_under_load_loses_no_accepted_request(
 
 
 def test_missing_model_stops_startup_with_one_line(tmp_path: Path) -> None:
-    proc = start({"MNV3_MODEL_PATH": str(tmp_path / "nope.onnx"), "MNV3_HTTP_PORT": "0"})
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert out.strip().splitlines() == [
+    done = run_to_exit({"MNV3_MODEL_PATH": str(tmp_path / "nope.onnx"), "MNV3_HTTP_PORT": "0"})
+    assert done.returncode == 1
+    assert done.stdout.strip().splitlines() == [
         f"cannot start: cannot read model file {tmp_path / 'nope.onnx'}: No such file or directory"
     ]
 
@@ -130,18 +96,16 @@ def test_missing_model_stops_startup_with_one_line(tmp_path: Path) -> None:
 def test_corrupt_model_stops_startup_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage that is no protobuf")
-    proc = start({"MNV3_MODEL_PATH": str(bad)})
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    (line,) = out.strip().splitlines()
+    done = run_to_exit({"MNV3_MODEL_PATH": str(bad)})
+    assert done.returncode == 1
+    (line,) = done.stdout.strip().splitlines()
     assert line.startswith(f"cannot start: {bad} is not a loadable ONNX model")
 
 
 def test_bad_setting_stops_startup_with_one_line() -> None:
-    proc = start({"MNV3_MAX_BATCH_SIZE": "lots", "MNV3_HTTP_PORT": "99999"})
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 2
-    assert out.strip().splitlines() == [
+    done = run_to_exit({"MNV3_MAX_BATCH_SIZE": "lots", "MNV3_HTTP_PORT": "99999"})
+    assert done.returncode == 2
+    assert done.stdout.strip().splitlines() == [
         "invalid settings: MNV3_HTTP_PORT='99999': Input should be less than or equal to 65535; "
         "MNV3_MAX_BATCH_SIZE='lots': Input should be a valid integer, unable to parse string "
         "as an integer"
