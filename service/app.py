@@ -15,7 +15,7 @@ from service.classifier import Classifier
 from service.engine import Engine
 from service.grpc_api import GrpcServer
 from service.metrics import Metrics
-from service.rest import RequestMetrics, install_error_handlers, router
+from service.rest import Admission, RequestMetrics, install_error_handlers, router
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.include_router(router(settings, metrics))
     install_error_handlers(app)
+    # The last added runs first: every API request is counted, then refused if need be.
+    app.add_middleware(Admission)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.state.metrics = metrics
     app.state.settings = settings

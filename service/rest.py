@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -54,7 +55,13 @@ RAW_TYPES: Final = frozenset(
 # Multipart framing around an image: boundaries and part headers, never near this size.
 MULTIPART_MARGIN: Final = 64 * 1024
 TIMEOUT_HEADER: Final = "x-request-timeout-ms"
-API_ROUTES: Final = frozenset({"classify", "classify_alias", "classify_batch", "get_model"})
+# API paths and the method label of their metrics (probes and /metrics are not requests).
+API_METHODS: Final = {
+    "/v1/classify": "classify",
+    "/classify": "classify",
+    "/v1/classify/batch": "classify_batch",
+    "/v1/model": "get_model",
+}
 
 
 # ---- response schemas (OpenAPI documentation; replies are built as plain dicts for speed) ----
@@ -161,18 +168,11 @@ TIMEOUT_DOC: Final = {
 # ---- request parsing ----------------------------------------------------------------------
 
 
-def _classifier(request: Request) -> Classifier:
+def _classifier(app: Starlette) -> Classifier:
     """The core, once the lifespan has built it."""
-    classifier: Classifier | None = getattr(request.app.state, "classifier", None)
+    classifier: Classifier | None = getattr(app.state, "classifier", None)
     if classifier is None:
         raise NotReady("the model is not ready (warming up or shutting down)")
-    return classifier
-
-
-def _core(request: Request) -> Classifier:
-    """The core, if it would admit a request now: shedding happens before the body is read."""
-    classifier = _classifier(request)
-    classifier.check_admission()
     return classifier
 
 
@@ -281,7 +281,7 @@ def router(settings: Settings, metrics: Metrics) -> APIRouter:
 
     async def classify(request: Request, top_k: int = TOP_K) -> Response:
         deadline = _deadline(request, settings)
-        core = _core(request)  # refuse before reading a body we cannot serve
+        core = _classifier(request.app)
         ((_, image),) = await _images(request, settings, batch=False, deadline=deadline)
         predictions = await core.classify(image, top_k=top_k, deadline=deadline)
         model = request.app.state.model_json
@@ -312,7 +312,7 @@ def router(settings: Settings, metrics: Metrics) -> APIRouter:
     )
     async def classify_batch(request: Request, top_k: int = TOP_K) -> Response:
         deadline = _deadline(request, settings)
-        core = _core(request)
+        core = _classifier(request.app)
         files = await _images(request, settings, batch=True, deadline=deadline)
         results = await core.classify_batch(
             [image for _, image in files], top_k=top_k, deadline=deadline
@@ -338,8 +338,8 @@ def router(settings: Settings, metrics: Metrics) -> APIRouter:
         responses={503: {"model": ErrorOut, "description": "warming up or draining"}},
     )
     async def readyz(request: Request) -> dict[str, str]:
-        # Not _core(): a busy server is still ready (shedding is per request, not per pod).
-        if not _classifier(request).ready:
+        # Not check_admission(): a busy server is still ready (shedding is per request).
+        if not _classifier(request.app).ready:
             raise NotReady("the model is not ready (warming up or shutting down)")
         return {"status": "ready"}
 
@@ -353,22 +353,27 @@ def router(settings: Settings, metrics: Metrics) -> APIRouter:
 # ---- errors and metrics ---------------------------------------------------------------------
 
 
+def error_response(exc: ServiceError) -> JSONResponse:
+    """{"error": {"code", "message"}} with the table's status and the headers it calls for."""
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": "1"}
+    elif isinstance(exc, NotReady | BodyTimeout):
+        # Draining: tell keep-alive clients to reconnect (to another replica) rather than
+        # reuse a connection this server is about to close. Body timeout: the rest of the
+        # body was never read, and closing is the only way to stop a trickling sender
+        # (RFC 9110 15.5.9).
+        headers = {"Connection": "close"}
+    status = STATUS_OF.get(type(exc), 500)
+    return JSONResponse(_error_body(exc), status_code=status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as {"error": {"code", "message"}} with the table's status."""
 
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
-        status = STATUS_OF.get(type(exc), 500)
-        headers = None
-        if isinstance(exc, Overloaded):
-            headers = {"Retry-After": "1"}
-        elif isinstance(exc, NotReady | BodyTimeout):
-            # Draining: tell keep-alive clients to reconnect (to another replica) rather than
-            # reuse a connection this server is about to close. Body timeout: the rest of the
-            # body was never read, and closing is the only way to stop a trickling sender
-            # (RFC 9110 15.5.9).
-            headers = {"Connection": "close"}
-        return JSONResponse(_error_body(exc), status_code=status, headers=headers)
+        return error_response(exc)
 
     async def client_gone(request: Request, exc: Exception) -> Response:
         # The client hung up before its body arrived: nobody reads this reply. 499 (nginx's
@@ -408,8 +413,31 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class Admission:
+    """ASGI middleware: refuses the classify requests the core would not admit, before routing.
+
+    Under overload most requests are refused, so a refusal must be cheap: it skips routing,
+    parameter parsing and exception handling (which cost more than the answer itself), and it
+    never reads the body, which uvicorn then discards while keeping the connection open.
+    """
+
+    GATED: Final = frozenset({"/v1/classify", "/classify", "/v1/classify/batch"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.GATED:
+            try:
+                _classifier(scope["app"]).check_admission()
+            except ServiceError as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class RequestMetrics:
-    """ASGI middleware: duration by route and status code, and in-flight count, for API routes.
+    """ASGI middleware: duration by API method and status code, and in-flight count.
 
     Plain ASGI rather than BaseHTTPMiddleware, which costs a task and a stream per request.
     Probes and /metrics are left out so they do not drown the request latency histogram.
@@ -420,7 +448,8 @@ class RequestMetrics:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in ("/metrics", "/healthz", "/readyz"):
+        method = API_METHODS.get(scope["path"]) if scope["type"] == "http" else None
+        if method is None:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -437,10 +466,6 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_record)
         finally:
             self.metrics.inflight.dec()
-            route = scope.get("route")
-            name = getattr(route, "name", None)
-            method = "classify" if name == "classify_alias" else name
-            if method in API_ROUTES:
-                self.metrics.request_duration.labels("rest", method, str(status)).observe(
-                    time.perf_counter() - started
-                )
+            self.metrics.request_duration.labels("rest", method, str(status)).observe(
+                time.perf_counter() - started
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -256,9 +257,28 @@ async def test_overload_is_shed_with_retry_after(small_model: Path) -> None:
         assert shed.status_code == 503
         assert shed.headers["Retry-After"] == "1"
         assert shed.json()["error"]["code"] == "overloaded"
-        release.set()
+
+        # Refused before its body is read: this upload stalls for 10 s, the answer comes at once.
+        sent: list[bytes] = []
+
+        async def stalled_upload() -> AsyncIterator[bytes]:
+            sent.append(body[:1000])
+            yield body[:1000]
+            await asyncio.sleep(10)
+
+        upload = asyncio.create_task(
+            client.post("/v1/classify", content=stalled_upload(), headers=headers)
+        )
+        await asyncio.wait([upload], timeout=2)
+        refused_at_once = upload.done()
+        release.set()  # before any assert: a failure must not leave the engine blocked
+        assert refused_at_once, "the refusal waited for the body"
+        assert (await upload).status_code == 503
+        assert len(sent) <= 1
         assert [(await t).status_code for t in held] == [200, 200, 200]
-        assert metric(app, "mnv3_requests_rejected_total", {"reason": "queue_full"}) == 1
+        assert metric(app, "mnv3_requests_rejected_total", {"reason": "queue_full"}) == 2
+        durations = {"protocol": "rest", "method": "classify", "code": "503"}
+        assert metric(app, "mnv3_request_duration_seconds_count", durations) == 2
 
 
 async def test_model_health_readiness_and_metrics(small_model: Path) -> None:
