@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Final, Protocol
 
@@ -125,6 +125,8 @@ class Core(Protocol):
         self, images: Sequence[bytes], *, top_k: int = ..., deadline: float | None = None
     ) -> Sequence[Sequence[CorePrediction] | ServiceError]: ...
 
+    def check_admission(self) -> None: ...
+
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(status code, message, reason word) for an error raised by the core, or by a bug."""
@@ -199,6 +201,45 @@ class _Rpc:
         self._metrics.request_duration.labels(
             protocol="grpc", method=self._method, code=code.name
         ).observe(time.perf_counter() - self._start)
+
+
+class Admission(grpc.aio.ServerInterceptor):
+    """Sheds Classify and ClassifyBatch calls before their request message is read.
+
+    A unary handler only runs once gRPC has received and parsed the whole request (megabytes of
+    image); a refused call should cost neither. When the core would refuse, the call is served by
+    a request-streaming handler that never reads its stream: the client gets
+    RESOURCE_EXHAUSTED (or UNAVAILABLE) at once and the stream is reset, as REST does with 503.
+    """
+
+    GATED: Final = frozenset({f"/{SERVICE_NAME}/Classify", f"/{SERVICE_NAME}/ClassifyBatch"})
+
+    def __init__(self, core: Core, metrics: Metrics) -> None:
+        self._core, self._metrics = core, metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        if method in self.GATED:
+            try:
+                self._core.check_admission()
+            except ServiceError as exc:
+                return grpc.stream_unary_rpc_method_handler(self._refuser(method, exc))
+        return await continuation(handler_call_details)
+
+    def _refuser(
+        self, method: str, exc: ServiceError
+    ) -> Callable[[object, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]:
+        async def refuse(requests: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            async with _Rpc(self._metrics, method.rsplit("/", 1)[1], context):
+                raise exc  # _Rpc records it and turns it into the status
+
+        return refuse
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -357,6 +398,7 @@ class GrpcServer:
         max_concurrent_rpcs: beyond it gRPC answers RESOURCE_EXHAUSTED itself, before the
         handler runs, so a flood cannot make the server hold thousands of received images."""
         self._max_concurrent_rpcs = max_concurrent_rpcs
+        self._core, self._metrics = classifier, metrics
         self._service = ClassifierService(
             classifier, metrics, max_batch_images=max_batch_images, default_timeout=default_timeout
         )
@@ -371,7 +413,9 @@ class GrpcServer:
     async def start(self) -> int:
         """Binds, starts serving (health NOT_SERVING) and returns the bound port."""
         server = grpc.aio.server(
-            options=self._options, maximum_concurrent_rpcs=self._max_concurrent_rpcs
+            options=self._options,
+            maximum_concurrent_rpcs=self._max_concurrent_rpcs,
+            interceptors=[Admission(self._core, self._metrics)],
         )
         pb_grpc.add_ClassifierServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -93,6 +93,11 @@ class FakeCore:
     cancelled: int = 0
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    refusal: ServiceError | None = None  # what check_admission raises; None admits
+
+    def check_admission(self) -> None:
+        if self.refusal is not None:
+            raise self.refusal
 
     async def classify(
         self, image: bytes, *, top_k: int = 5, deadline: float | None = None
@@ -288,6 +293,44 @@ async def test_message_over_limit_is_refused_by_grpc(grpc_fake: Running) -> None
     full = pb.ClassifyBatchRequest(images=[b"x" * FAKE_LIMIT] * 8)
     reply = await grpc_fake.stub.ClassifyBatch(full)
     assert all(r.WhichOneof("result") == "predictions" for r in reply.results)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code", "word"),
+    [
+        (Overloaded("busy"), grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
+        (NotReady("draining"), grpc.StatusCode.UNAVAILABLE, "not_ready"),
+    ],
+)
+@pytest.mark.parametrize("method", ["Classify", "ClassifyBatch"])
+async def test_refused_calls_are_answered_before_their_request_is_read(
+    grpc_fake: Running,
+    fake: FakeCore,
+    method: str,
+    refusal: ServiceError,
+    code: grpc.StatusCode,
+    word: str,
+) -> None:
+    # The request is not even a protobuf message: had gRPC read and parsed it, the call would
+    # fail as unparsable. A refusal costs neither the upload nor the parse.
+    fake.refusal = refusal
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = grpc_fake.channel.unary_unary(
+        f"/mnv3.v1.Classifier/{method}"
+    )
+    error = await rpc_error(call(b"\xff" * 1000, timeout=TIMEOUT))
+    assert (error.code(), reason(error)) == (code, word)
+    assert error.details() == refusal.message
+    assert fake.deadlines == []  # the core was never called
+    assert grpc_fake.count(method, code.name) == 1
+    # The same bytes, admitted, reach grpc's parser and fail there.
+    fake.refusal = None
+    error = await rpc_error(call(b"\xff" * 1000, timeout=TIMEOUT))
+    assert "Error parsing message" in (error.details() or "")
+
+
+async def test_refusal_does_not_gate_get_model(grpc_fake: Running, fake: FakeCore) -> None:
+    fake.refusal = Overloaded("busy")
+    assert (await grpc_fake.stub.GetModel(pb.GetModelRequest())).name == "fake_mnv3"
 
 
 async def test_deadline_is_carried_into_the_core(fake: FakeCore) -> None:
