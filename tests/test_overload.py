@@ -11,6 +11,7 @@ import contextlib
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from service.grpc_api import ERROR_CODE_KEY
 from service.proto.mnv3.v1 import classifier_pb2 as pb
 from service.proto.mnv3.v1 import classifier_pb2_grpc as pb_grpc
 from tests.conftest import IMAGES, make_settings, metric, serving
+from tests.imagegen import upscaled_jpeg
 from tests.server_process import ServerProcess, server_process
 
 CHELSEA = (IMAGES / "chelsea.png").read_bytes()
@@ -274,6 +276,39 @@ def test_rss_stays_flat_across_repeated_bursts(small_model: Path) -> None:
     # inference threads); Python objects do not grow (tracemalloc), and with MALLOC_ARENA_MAX=2
     # the growth halves. A leak of even 2 KB per request would exceed the bound.
     assert max(rss[1:]) <= rss[0] * 1.10
+
+
+def test_a_flood_of_large_images_on_one_grpc_channel(small_model: Path) -> None:
+    """300 calls with a 2 MP photo (~80 MB in all) at once on one channel, against room for 6.
+
+    Each call gets its own answer or a clean RESOURCE_EXHAUSTED, most are shed rather than
+    queued, and the server answers at once afterwards. (Before refused calls were answered
+    unread, such a flood at full scale piled up messages: RSS 252 -> 871 MB.)
+    """
+    photo = upscaled_jpeg(IMAGES / "grace_hopper.jpg", megapixels=2.0)
+    request = pb.ClassifyRequest(image=photo)
+
+    async def flood(calls: int) -> Counter[str]:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+
+            async def one() -> str:
+                try:
+                    reply = await stub.Classify(request, timeout=BOUND)
+                except grpc.aio.AioRpcError as error:
+                    return error.code().name
+                return f"OK {reply.predictions[0].index}"
+
+            return Counter(await asyncio.gather(*(one() for _ in range(calls))))
+
+    with server_process(small_model, **SMALL) as server:
+        seen = asyncio.run(flood(300))
+        after = asyncio.run(flood(1))
+    print(f"\nflood {dict(seen)}")
+    assert set(seen) == {"OK 652", "RESOURCE_EXHAUSTED"}
+    assert seen["OK 652"] >= CAPACITY
+    assert seen["RESOURCE_EXHAUSTED"] >= 200  # measured 260-290: shed, not queued
+    assert after == {"OK 652": 1}
 
 
 # ---------------------------------------------------------------------------- disconnects
