@@ -315,12 +315,11 @@ async def _overload(
     )
     rss_after = rss_mb(pid)
     buckets_after = request_buckets(metrics_url)
-    shed = [
-        latency
-        for r in (rest_r, grpc_r)
-        for latency, code in zip(r.latencies, r.code_sequence, strict=True)
-        if code in ("503", "RESOURCE_EXHAUSTED")
-    ]
+    shed_by = {
+        name: Result(seconds, ok_latencies=_shed_latencies(r))
+        for name, r in (("rest", rest_r), ("grpc", grpc_r))
+    }
+    shed = shed_by["rest"].ok_latencies + shed_by["grpc"].ok_latencies
     accepted = Result(seconds, ok_latencies=rest_r.ok_latencies + grpc_r.ok_latencies)
     recovery = await closed_loop(rest.call, 1, 3)
     shed_result = Result(seconds, ok_latencies=shed)
@@ -331,6 +330,12 @@ async def _overload(
         "accepted_p99_ms": round(accepted.quantile(0.99) * 1000, 1),
         "rejected": len(shed),
         "rejection_p99_ms": round(shed_result.quantile(0.99) * 1000, 2) if shed else None,
+        # Per protocol: the two load generators share one event loop and the same two cores.
+        **{
+            f"rejection_p99_ms_{name}": round(r.quantile(0.99) * 1000, 2)
+            for name, r in shed_by.items()
+            if r.ok_latencies
+        },
         # The server's own view (its histogram; bucket upper bounds): what shedding costs it,
         # without the load generator's scheduling delays on the same two cores.
         "server_rejection_p99_ms": server_p99_ms(
@@ -353,6 +358,15 @@ async def _overload(
         f"recovery p50 {summary['recovery_p50_ms']} ms"
     )
     return summary
+
+
+def _shed_latencies(result: Result) -> list[float]:
+    """Client-side latencies of the requests the server shed (503 / RESOURCE_EXHAUSTED)."""
+    return [
+        latency
+        for latency, code in zip(result.latencies, result.code_sequence, strict=True)
+        if code in ("503", "RESOURCE_EXHAUSTED")
+    ]
 
 
 async def _soak(rest: RestTarget, rate: float, seconds: float, pid: int) -> dict[str, Any]:

@@ -75,7 +75,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"Overload ({o['offered_rps']} req/s offered, 3x capacity): accepted "
             f"{o['accepted_rps']} req/s with p99 {o['accepted_p99_ms']} ms (p99 at capacity "
             f"{o['p99_at_capacity_ms']} ms); {o['rejected']} shed with p99 "
-            f"{o['rejection_p99_ms']} ms at the client, <= {o['server_rejection_p99_ms']} ms in "
+            f"{o['rejection_p99_ms']} ms at the client (REST {o.get('rejection_p99_ms_rest')} "
+            f"ms, gRPC {o.get('rejection_p99_ms_grpc')} ms), "
+            f"<= {o['server_rejection_p99_ms']} ms in "
             f"the server's own histogram; RSS {o['rss_mb_before']} -> {o['rss_mb_after']} MB "
             f"({o['rss_growth_pct']:+}%); right after, p50 {o['recovery_p50_ms']} ms "
             f"({o['recovery_codes']}).",
