@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -242,6 +243,78 @@ class Admission(grpc.aio.ServerInterceptor):
         return refuse
 
 
+class _Unparsable:
+    """Stands in for a request message that did not parse, so that its handler can refuse it."""
+
+    def __init__(self, method: str, error: Exception) -> None:
+        self.error = InvalidArgument(f"the request is not a valid {method} message: {error}")
+
+
+class StrictParsing(grpc.aio.ServerInterceptor):
+    """Answers a request that is not a valid message with INVALID_ARGUMENT.
+
+    grpc parses each message before the handler sees it and answers a failure with UNKNOWN
+    ("Unexpected <class DecodeError>"), a server-error code, for what is the client's mistake:
+    garbage bytes, or a client built from an incompatible .proto. Here a failed parse becomes a
+    marker that the handler turns into the status of DESIGN.md's error table.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        path = handler_call_details.method
+        if handler is None or not path.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        method = path.rsplit("/", 1)[1]
+        parse = handler.request_deserializer
+        # grpc's stubs type handlers for the sync server; these behaviours are coroutines.
+        unary: Any = handler.unary_unary
+        streaming: Any = handler.stream_stream
+        if parse is None:
+            return handler
+
+        def lenient(raw: bytes) -> object:
+            try:
+                return parse(raw)
+            except DecodeError as exc:
+                return _Unparsable(method, exc)
+
+        async def checked(requests: AsyncIterator[object]) -> AsyncIterator[object]:
+            async for request in requests:
+                if isinstance(request, _Unparsable):
+                    raise request.error
+                yield request
+
+        async def one(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, _Unparsable):
+                async with _Rpc(self._metrics, method, context):
+                    raise request.error
+            return await unary(request, context)
+
+        async def many(requests: AsyncIterator[object], context: Any) -> AsyncIterator[Any]:
+            async for reply in streaming(checked(requests), context):
+                yield reply
+
+        reply = handler.response_serializer
+        if unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                one, request_deserializer=lenient, response_serializer=reply
+            )
+        if streaming is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                many, request_deserializer=lenient, response_serializer=reply
+            )
+        return handler
+
+
 class ClassifierService(pb_grpc.ClassifierServicer):
     """mnv3.v1.Classifier: parses requests, calls the core, formats replies. Nothing more."""
 
@@ -327,15 +400,21 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 done.put_nowait(await self._stream_item(request, deadline))
 
             async def read() -> None:
+                unreadable: ServiceError | None = None  # an item that did not parse
                 try:
                     async with asyncio.TaskGroup() as items:
-                        async for request in request_iterator:
-                            await slots.acquire()
-                            # Without a call deadline each item gets the default from the time
-                            # it is read: a stream may rightly stay open for hours.
-                            items.create_task(answer(request, self._deadline(context)))
+                        try:
+                            async for request in request_iterator:
+                                await slots.acquire()
+                                # Without a call deadline each item gets the default from the
+                                # time it is read: a stream may rightly stay open for hours.
+                                items.create_task(answer(request, self._deadline(context)))
+                        except ServiceError as exc:  # raised here, not wrapped in a group
+                            unreadable = exc
                 finally:
                     done.put_nowait(None)  # after every answer: the TaskGroup waited for them
+                if unreadable is not None:
+                    raise unreadable
 
             reader = asyncio.create_task(read())
             try:
@@ -415,7 +494,7 @@ class GrpcServer:
         server = grpc.aio.server(
             options=self._options,
             maximum_concurrent_rpcs=self._max_concurrent_rpcs,
-            interceptors=[Admission(self._core, self._metrics)],
+            interceptors=[Admission(self._core, self._metrics), StrictParsing(self._metrics)],
         )
         pb_grpc.add_ClassifierServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

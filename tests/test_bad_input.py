@@ -578,6 +578,19 @@ async def test_grpc_message_over_the_transport_limit(service: Service) -> None:
 
 
 @on_module_loop
+async def test_grpc_request_that_is_not_a_message(service: Service) -> None:
+    """Bytes that do not parse as a ClassifyRequest (garbage, or a client built from another
+    .proto): the client's mistake, INVALID_ARGUMENT, not grpc's own UNKNOWN."""
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = service.channel.unary_unary(
+        "/mnv3.v1.Classifier/Classify"
+    )
+    result = await outcome(call(b"\x0a\xff\xff\xff\xff\x0f" + CHELSEA_PNG, timeout=10))
+    assert (result.code, result.reason) == (INVALID, "invalid_argument")
+    assert result.details.startswith("the request is not a valid Classify message")
+    await assert_grpc_still_serves(service.stub)
+
+
+@on_module_loop
 async def test_grpc_empty_batch(service: Service) -> None:
     result = await outcome(service.stub.ClassifyBatch(pb.ClassifyBatchRequest(), timeout=10))
     assert (result.code, result.reason) == (INVALID, "invalid_argument")

@@ -322,10 +322,43 @@ async def test_refused_calls_are_answered_before_their_request_is_read(
     assert error.details() == refusal.message
     assert fake.deadlines == []  # the core was never called
     assert grpc_fake.count(method, code.name) == 1
-    # The same bytes, admitted, reach grpc's parser and fail there.
+    # The same bytes, admitted, reach the parser and fail there.
     fake.refusal = None
     error = await rpc_error(call(b"\xff" * 1000, timeout=TIMEOUT))
-    assert "Error parsing message" in (error.details() or "")
+    assert (error.code(), reason(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument")
+
+
+@pytest.mark.parametrize("method", ["Classify", "ClassifyBatch", "GetModel"])
+async def test_a_request_that_does_not_parse_is_invalid_argument(
+    grpc_fake: Running, method: str
+) -> None:
+    # grpc alone would answer UNKNOWN (a server error) for the client's mistake.
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = grpc_fake.channel.unary_unary(
+        f"/mnv3.v1.Classifier/{method}"
+    )
+    error = await rpc_error(call(b"\xff" * 100, timeout=TIMEOUT))
+    assert (error.code(), reason(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument")
+    assert (error.details() or "").startswith(f"the request is not a valid {method} message")
+    assert grpc_fake.count(method, "INVALID_ARGUMENT") == 1
+
+
+async def test_a_stream_item_that_does_not_parse_ends_the_stream_as_invalid_argument(
+    grpc_fake: Running,
+) -> None:
+    call: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = grpc_fake.channel.stream_stream(
+        "/mnv3.v1.Classifier/ClassifyStream"
+    )
+    good = pb.StreamRequest(id="1", image=b"ok").SerializeToString()
+    stream = call(iter([good, b"\xff" * 100]), timeout=TIMEOUT)
+    replies: list[str] = []
+
+    async def read_all() -> None:
+        async for raw in stream:
+            replies.append(pb.StreamResponse.FromString(raw).id)
+
+    error = await rpc_error(read_all())
+    assert (error.code(), reason(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument")
+    assert replies in ([], ["1"])  # the good item may have been answered first
 
 
 async def test_refusal_does_not_gate_get_model(grpc_fake: Running, fake: FakeCore) -> None:
