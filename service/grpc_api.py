@@ -273,13 +273,13 @@ class StrictParsing(grpc.aio.ServerInterceptor):
         path = handler_call_details.method
         if handler is None or not path.startswith(f"/{SERVICE_NAME}/"):
             return handler
-        method = path.rsplit("/", 1)[1]
         parse = handler.request_deserializer
+        if parse is None:
+            return handler
+        method = path.rsplit("/", 1)[1]
         # grpc's stubs type handlers for the sync server; these behaviours are coroutines.
         unary: Any = handler.unary_unary
         streaming: Any = handler.stream_stream
-        if parse is None:
-            return handler
 
         def lenient(raw: bytes) -> object:
             try:

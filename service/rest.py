@@ -421,7 +421,7 @@ class Admission:
     never reads the body, which uvicorn then discards while keeping the connection open.
     """
 
-    GATED: Final = frozenset({"/v1/classify", "/classify", "/v1/classify/batch"})
+    GATED: Final = frozenset(p for p, m in API_METHODS.items() if m.startswith("classify"))
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
