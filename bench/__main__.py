@@ -21,7 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.ceiling import ceiling, single_image_ms
 from bench.inputs import two_megapixel_jpegs
-from bench.loadgen import GrpcTarget, RestTarget, Result, closed_loop, open_loop
+from bench.loadgen import (
+    GrpcTarget,
+    RestTarget,
+    Result,
+    closed_loop,
+    open_loop,
+    open_loop_elsewhere,
+)
 from bench.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,7 +294,7 @@ async def _serve_suite(
         )
 
     out["overload"] = await _overload(
-        rest, grpc_target, capacity, args.overload_seconds, pid, metrics_url
+        rest, grpc_target.address, bodies, capacity, args.overload_seconds, pid, metrics_url
     )
     if args.soak_seconds > 0:
         out["soak"] = await _soak(rest, capacity * 0.7, args.soak_seconds, pid)
@@ -298,7 +305,8 @@ async def _serve_suite(
 
 async def _overload(
     rest: RestTarget,
-    grpc_target: GrpcTarget,
+    grpc_address: str,
+    bodies: list[bytes],
     capacity: float,
     seconds: float,
     pid: int,
@@ -309,10 +317,17 @@ async def _overload(
     rss_before = rss_mb(pid)
     buckets_before = request_buckets(metrics_url)
     say(f"overload: {3 * capacity:.0f} req/s offered for {seconds:.0f} s (REST + gRPC)")
-    rest_r, grpc_r = await asyncio.gather(
-        open_loop(rest.call, 1.5 * capacity, seconds),
-        open_loop(grpc_target.call, 1.5 * capacity, seconds),
+    # Two populations of clients: REST from this process, gRPC from another (its own loop).
+    start_at = time.time() + 3  # time for the gRPC process to start and connect
+    elsewhere = asyncio.to_thread(
+        open_loop_elsewhere, grpc_address, bodies, 1.5 * capacity, seconds, start_at
     )
+
+    async def rest_load() -> Result:
+        await asyncio.sleep(start_at - time.time())
+        return await open_loop(rest.call, 1.5 * capacity, seconds)
+
+    rest_r, grpc_r = await asyncio.gather(rest_load(), elsewhere)
     rss_after = rss_mb(pid)
     buckets_after = request_buckets(metrics_url)
     shed_by = {

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -140,6 +142,7 @@ class GrpcTarget:
     """mnv3.v1.Classifier/Classify on one HTTP/2 channel (gRPC multiplexes)."""
 
     def __init__(self, address: str, bodies: Sequence[bytes], timeout: float = 30.0) -> None:
+        self.address = address
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.requests = [pb.ClassifyRequest(image=b, top_k=5) for b in bodies]
@@ -203,3 +206,31 @@ async def open_loop(call: Call, rate: float, seconds: float, max_outstanding: in
     await asyncio.gather(*outstanding)
     result.seconds = time.perf_counter() - began
     return result
+
+
+def open_loop_elsewhere(
+    address: str, bodies: Sequence[bytes], rate: float, seconds: float, start_at: float
+) -> Result:
+    """open_loop over gRPC from a process of its own, starting at wall-clock time `start_at`.
+
+    A separate population of clients has its own event loop and grpc threads; sharing the REST
+    generator's loop would delay both by each other's callbacks and blame the server for it.
+    """
+    context = multiprocessing.get_context("spawn")  # grpc does not survive fork()
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_grpc_open_loop, address, list(bodies), rate, seconds, start_at).result()
+
+
+def _grpc_open_loop(
+    address: str, bodies: list[bytes], rate: float, seconds: float, start_at: float
+) -> Result:
+    async def run() -> Result:
+        target = GrpcTarget(address, bodies)
+        await target.stub.GetModel(pb.GetModelRequest())  # connected before the clock starts
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        try:
+            return await open_loop(target.call, rate, seconds)
+        finally:
+            await target.close()
+
+    return asyncio.run(run())
