@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -204,6 +204,12 @@ class _Rpc:
         ).observe(time.perf_counter() - self._start)
 
 
+# Type names only (grpc's classes are generic in its stubs, not at run time).
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# What an interceptor calls for the handler the server would use (None: no such method).
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+
+
 class Admission(grpc.aio.ServerInterceptor):
     """Sheds Classify and ClassifyBatch calls before their request message is read.
 
@@ -219,12 +225,8 @@ class Admission(grpc.aio.ServerInterceptor):
         self._core, self._metrics = core, metrics
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         method = handler_call_details.method
         if method in self.GATED:
             try:
@@ -261,22 +263,24 @@ class StrictParsing(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._strict: dict[str, Handler] = {}  # per method of our service, built once
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         path = handler_call_details.method
+        if (strict := self._strict.get(path)) is not None:
+            return strict
+        handler = await continuation(handler_call_details)
         if handler is None or not path.startswith(f"/{SERVICE_NAME}/"):
-            return handler
+            return handler  # unknown methods are not cached: clients choose their names
+        self._strict[path] = strict = self._strict_handler(path.rsplit("/", 1)[1], handler)
+        return strict
+
+    def _strict_handler(self, method: str, handler: Handler) -> Handler:
         parse = handler.request_deserializer
         if parse is None:
             return handler
-        method = path.rsplit("/", 1)[1]
         # grpc's stubs type handlers for the sync server; these behaviours are coroutines.
         unary: Any = handler.unary_unary
         streaming: Any = handler.stream_stream
